@@ -62,7 +62,7 @@ class EmbeddingSource:
         if self._array is not None:
             arr = self._array
             for start in range(0, arr.shape[0], self.chunk_rows):
-                yield Chunk(np.asarray(arr[start : start + self.chunk_rows]))
+                yield Chunk(np.array(arr[start : start + self.chunk_rows]))  # read into RAM, writable
             return
         for f in self._files:
             yield _read_pkl_chunk(f)

@@ -221,7 +221,8 @@ def _scalar(value: np.ndarray) -> float:
 
 
 # --- building ------------------------------------------------------------------------------
-ChunkFactory = Callable[[], Iterable[np.ndarray]]
+#: Called with the pass number (1 or 2): texts are read twice, images once (pass 1).
+ChunkFactory = Callable[[int], Iterable[np.ndarray]]
 
 
 def build_profile(
@@ -231,21 +232,16 @@ def build_profile(
     name: str,
     model: str,
     source: str = "",
-    on_text_pass: Callable[[int], None] | None = None,
 ) -> Profile:
     """The authors' procedure as streaming passes: text and image moments, then ``mu_hat``.
 
-    ``texts`` is a factory because the texts are read twice (``mu_hat`` needs the scale,
-    which needs the first pass). ``on_text_pass`` is told the pass number (for progress bars).
+    ``texts`` is a factory because the texts are read twice: ``mu_hat`` needs the scale,
+    which needs the first pass to be complete.
     """
-    if on_text_pass:
-        on_text_pass(1)
-    text_acc = accumulate(texts())
-    image_acc = accumulate(images())
+    text_acc = accumulate(texts(1))
+    image_acc = accumulate(images(1))
     drift = start_drift(text_acc, image_acc)
-    if on_text_pass:
-        on_text_pass(2)
-    for chunk in texts():
+    for chunk in texts(2):
         drift.update(chunk)
     if drift.acc.count != text_acc.count:
         raise InputError("the text source changed between passes")
@@ -266,7 +262,7 @@ def build_profile_from_arrays(
     """Convenience for in-memory (n, d) arrays (normalised inside)."""
 
     def chunks(arr: np.ndarray) -> ChunkFactory:
-        return lambda: (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
+        return lambda _pass: (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
 
     for label, arr in (("text", text), ("image", image)):
         if np.ndim(arr) != 2:

@@ -50,9 +50,10 @@ class AlignmentTensors:
         scale: float,
         *,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float64,
     ) -> AlignmentTensors:
-        """Combine in float64, then cast once: the shifts are exact to the target precision."""
+        """Combine in float64 and keep float64 (d-sized vectors cost nothing), so float64
+        inputs are aligned exactly and float32 inputs get correctly rounded shifts."""
         t, i, h = (v.to(torch.float64) for v in (mu_txt, mu_img, mu_hat))
         as_target = {"device": device, "dtype": dtype}
         return cls(
