@@ -268,7 +268,11 @@ def _create_text_model(source: _Source, precision: str, device: torch.device) ->
 
 
 def _weight_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype holding most parameters (LayerNorms stay fp32 in open_clip's fp16 mode)."""
+    """The compute dtype: the transformer's, since open_clip's fp16/bf16 modes keep the token
+    embedding and LayerNorms in fp32; otherwise the dtype holding most parameters."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is not None and hasattr(transformer, "get_cast_dtype"):
+        return transformer.get_cast_dtype()  # type: ignore[no-any-return]
     counts: Counter[torch.dtype] = Counter()
     for param in model.parameters():
         counts[param.dtype] += param.numel()

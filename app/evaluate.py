@@ -11,7 +11,8 @@ Memory stays bounded for 10^5 x 1024 inputs:
 - quadratic ones (k-NN mixing, neighbourhood overlap, retrieval recall) run chunked on a seeded
   subsample of rows; the JS divergence uses a seeded sample of pairs.
 
-``evaluate`` records in ``meta`` which metrics were subsampled and to how many. This module is
+``evaluate`` records in ``meta`` which metrics were subsampled (``subsampled``) and to how many
+rows or pairs (``sample_sizes``). This module is
 pure numpy; matplotlib is imported lazily inside the plotting functions, so importing
 ``app.evaluate`` never pulls it in.
 """
@@ -35,7 +36,7 @@ K_MIXING = 20
 K_OVERLAP = 10
 RECALL_KS = (1, 5)
 JS_PAIRS = 20_000
-JS_GRID = 512
+JS_GRID = 1024
 PLOT_POINTS = 2000
 RESERVED_NAMES = ("images", "meta")
 # Elements in one temporary block (e.g. a chunk of similarities): 1 Mi, i.e. 4-8 MiB per copy.
@@ -131,11 +132,11 @@ def js_from_densities(p: NDArray[np.float64], q: NDArray[np.float64]) -> float:
     """Jensen-Shannon divergence (base-2 logs, so in [0, 1]) of two densities on one grid."""
     p = p / p.sum()
     q = q / q.sum()
-    m = 0.5 * (p + q)
+    both = p + q  # a / m is written 2a / (p + q): 0.5 * a underflows to 0 for subnormal a
 
     def kl(a: NDArray[np.float64]) -> float:
         nz = a > 0
-        return float(np.sum(a[nz] * np.log2(a[nz] / m[nz])))
+        return float(np.sum(a[nz] * np.log2(2.0 * a[nz] / both[nz])))
 
     return min(1.0, max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
 
@@ -341,6 +342,13 @@ def evaluate(
     spectrum = covariance_spectrum(images)
     rank = int(np.count_nonzero(spectrum > spectrum[0] * 1e-10)) if spectrum[0] > 0 else 0
 
+    sizes: dict[str, dict[str, int]] = {
+        "js_divergence": {"image_pairs": len(pi), "text_pairs": len(ti)},
+        "knn_mixing": {"images": m, "texts": m},
+        "neighbourhood_overlap": {"texts": len(idx_t)},
+    }
+    if paired:
+        sizes["retrieval_recall"] = {"pairs": len(idx_t)}
     result: dict[str, Any] = {
         "meta": {
             "n_images": n_i,
@@ -354,12 +362,17 @@ def evaluate(
             "power_law_fit_ranks": list(fit_ranks(rank)),
             "full_data": ["centroid_gap", "power_law_alpha"]
             + (["paired_cosine_mean"] if paired else []),
-            "subsampled": {
-                "js_divergence": {"image_pairs": len(pi), "text_pairs": len(ti)},
-                "knn_mixing": {"images": m, "texts": m},
-                "neighbourhood_overlap": {"texts": len(idx_t)},
-                **({"retrieval_recall": {"pairs": len(idx_t)}} if paired else {}),
-            },
+            "sample_sizes": sizes,
+            "subsampled": [
+                name
+                for name, used, total in [
+                    ("js_divergence", len(pi) + len(ti), (n_i * (n_i - 1) + n_t * (n_t - 1)) // 2),
+                    ("knn_mixing", 2 * m, n_i + n_t),
+                    ("neighbourhood_overlap", len(idx_t), n_t),
+                    ("retrieval_recall", len(idx_t) if paired else n_t, n_t),
+                ]
+                if used < total
+            ],
         },
         "images": {"power_law_alpha": power_law_exponent(spectrum)},
     }
@@ -424,6 +437,15 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------- plots
 
 
+def _same(a: FloatArray, b: FloatArray) -> bool:
+    """Whether two arrays hold the same values, compared in chunks (no full-size mask)."""
+    if a is b:
+        return True
+    if a.shape != b.shape:
+        return False
+    return all(np.array_equal(a[sl], b[sl]) for sl in _chunks(len(a), a.shape[1]))
+
+
 def _figure(width: float, height: float) -> Any:
     """A matplotlib Figure on an Agg canvas, without pyplot's global state or backend switch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -448,7 +470,7 @@ def _plot_pca(
     sets = [("images", normalise(images[idx_i]).astype(np.float64)), ("texts (raw)", raw)]
     for name, z in aligned.items():
         zs = normalise(z[idx_t]).astype(np.float64)
-        if not np.allclose(zs, raw):  # "none" would only hide the raw texts
+        if not _same(zs, raw):  # "none" would only hide the raw texts
             sets.append((f"texts: {name}", zs))
     union = np.concatenate([x for _, x in sets])
     mean = union.mean(axis=0)
@@ -498,7 +520,8 @@ def _plot_spectra(
     """Covariance eigen-spectra on log-log axes, images vs raw and each aligned text set."""
     fig = _figure(7, 5)
     ax = fig.subplots()
-    sets = [("images", images), ("texts (raw)", texts), *aligned.items()]
+    sets = [("images", images), ("texts (raw)", texts)]
+    sets += [(f"texts: {name}", z) for name, z in aligned.items() if not _same(z, texts)]
     image_rank = 0
     for label, x in sets:
         lam = covariance_spectrum(x)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from app.embedding_io import EmbeddingSource
-from app.errors import InputError
+from app.errors import AlignmentInputError, InputError
 from app.profiles import Profile, build_profile
 from app.realign import align
 
@@ -85,42 +86,60 @@ def apply_to_file(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stats = profile.tensors(device) if profile is not None else None
 
-    def transform(rows: np.ndarray, offset: int) -> np.ndarray:
+    def transform(rows: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:
         if stats is not None and rows.shape[1] != stats.dim:
             raise InputError(f"embeddings have dimension {rows.shape[1]}, the profile has {stats.dim}")
-        batch = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
+        with warnings.catch_warnings():
+            # chunks may be read-only memory maps; align() never writes to its input
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            batch = torch.from_numpy(rows)
+        if batch.dtype != torch.float32:
+            batch = batch.to(torch.float32)
+        target = torch.from_numpy(out) if out is not None and device == "cpu" else None
         try:
-            return align(batch, stats, alignment).cpu().numpy()
-        except InputError as exc:
-            # name rows in whole-file coordinates
-            rows_bad = getattr(exc, "rows", None)
-            if rows_bad is not None:
-                shifted = [r + offset for r in rows_bad]
-                shown = ", ".join(map(str, shifted[:10])) + (" ..." if len(shifted) > 10 else "")
-                raise InputError(
-                    f"{len(shifted)} row(s) are zero or contain NaN/inf: rows {shown}"
-                ) from exc
-            raise
+            result = align(batch.to(device), stats, alignment, out=target)
+        except AlignmentInputError as exc:
+            shifted = [r + offset for r in exc.rows]  # name rows in whole-file coordinates
+            shown = ", ".join(map(str, shifted[:10])) + (" ..." if len(shifted) > 10 else "")
+            raise AlignmentInputError(
+                f"{len(shifted)} row(s) are zero or contain NaN/inf: rows {shown}", shifted
+            ) from exc
+        if target is None:
+            host = result.cpu().numpy()
+            if out is not None:
+                out[...] = host
+            return host
+        return out  # type: ignore[return-value]
 
     if source.rows is not None:
-        n, d = source.rows, source.dim or 0
-        result = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, d))
-        offset = 0
-        try:
-            for chunk in source:
+        return _apply_known_length(source, out_path, transform, progress)
+    return _apply_unknown_length(source, out_path, transform, progress)
+
+
+def _apply_known_length(
+    source: EmbeddingSource,
+    out_path: Path,
+    transform: Callable[..., np.ndarray],
+    progress: Progress | None,
+) -> ApplyResult:
+    """``.npy`` in, ``.npy`` out: two reusable buffers and sequential reads and writes."""
+    n, d = source.rows or 0, source.dim or 0
+    out_buf = np.empty((min(source.chunk_rows, n), d), dtype="<f4")
+    try:
+        with open(out_path, "wb") as fh:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (n, d)}
+            np.lib.format.write_array_header_1_0(fh, header)
+            offset = 0
+            for chunk in source.reused_chunks():
                 k = chunk.rows.shape[0]
-                result[offset : offset + k] = transform(chunk.rows, offset)
+                fh.write(memoryview(transform(chunk.rows, offset, out=out_buf[:k])).cast("B"))
                 offset += k
                 if progress:
                     progress(k)
-            result.flush()
-        except BaseException:
-            del result
-            out_path.unlink(missing_ok=True)
-            raise
-        del result
-        return ApplyResult(rows=n, dim=d, out=out_path, ids_out=None)
-    return _apply_unknown_length(source, out_path, transform, progress)
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    return ApplyResult(rows=n, dim=d, out=out_path, ids_out=None)
 
 
 def _apply_unknown_length(

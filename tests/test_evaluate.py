@@ -90,6 +90,8 @@ def test_kde_and_js_match_scipy() -> None:
     assert ev.js_from_densities(p, p) == pytest.approx(0.0, abs=1e-12)
     disjoint = ev.js_from_densities(np.r_[1.0, 0.0], np.r_[0.0, 1.0])
     assert disjoint == pytest.approx(1.0)
+    subnormal = np.r_[0.5, 0.5, 5e-324]  # 0.5 * 5e-324 underflows to 0: must not give inf
+    assert ev.js_from_densities(subnormal, np.r_[0.5, 0.5, 0.0]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_js_divergence_identical_vs_different_shapes() -> None:
@@ -220,8 +222,14 @@ def test_evaluate_on_a_gap_world() -> None:
         24,
         True,
     )
-    assert meta["subsampled"]["knn_mixing"] == {"images": 500, "texts": 500}
-    assert meta["subsampled"]["retrieval_recall"] == {"pairs": 500}
+    assert meta["sample_sizes"]["knn_mixing"] == {"images": 500, "texts": 500}
+    assert meta["sample_sizes"]["retrieval_recall"] == {"pairs": 500}
+    assert set(meta["subsampled"]) == {
+        "js_divergence",
+        "knn_mixing",
+        "neighbourhood_overlap",
+        "retrieval_recall",
+    }
     none, anc = result["none"], result["anchor"]
     assert none["centroid_gap"] > 0.8 and anc["centroid_gap"] < 0.15
     assert none["knn_mixing"] < 0.01 < anc["knn_mixing"]
@@ -241,7 +249,8 @@ def test_evaluate_unpaired_and_bad_input() -> None:
     images, texts = unit(cloud(rng, 300, 8, 1.0)), unit(cloud(rng, 200, 8, -1.0))
     result = ev.evaluate(images, texts, {"none": texts}, paired=False, sample=100)
     assert "recall_at_1" not in result["none"] and "R@1" not in ev.format_table(result)
-    assert result["meta"]["subsampled"]["neighbourhood_overlap"] == {"texts": 100}
+    assert result["meta"]["sample_sizes"]["neighbourhood_overlap"] == {"texts": 100}
+    assert result["meta"]["subsampled"] == ["js_divergence", "knn_mixing", "neighbourhood_overlap"]
     with pytest.raises(InputError, match="reserved"):
         ev.evaluate(images, texts, {"meta": texts}, paired=False)
     with pytest.raises(InputError, match="paired"):
