@@ -199,7 +199,7 @@ class Batcher:
                     return
                 if batch:
                     self._encode(batch)
-        except BaseException as e:  # noqa: BLE001 - anything that kills the thread is reported
+        except BaseException as e:
             exc = e
         finally:
             if not self._stopping and self._loop is not None and not self._loop.is_closed():
@@ -252,7 +252,9 @@ class Batcher:
         start = max(0, min(pos - size // 2, len(by_length) - size))
         chosen = by_length[start : start + size]
         # token budget: rows x longest row; drop the rows farthest in length from the oldest
-        while len(chosen) > 1 and len(chosen) * max(e.length for e in chosen) > cfg.max_batch_tokens:
+        while (
+            len(chosen) > 1 and len(chosen) * max(e.length for e in chosen) > cfg.max_batch_tokens
+        ):
             far = max(chosen, key=lambda e: (abs(e.length - oldest.length), e is not oldest))
             chosen.remove(far)
         picked = {id(e) for e in chosen}
@@ -269,7 +271,9 @@ class Batcher:
         except Exception as exc:  # a failed batch fails its requests, not the service
             log.exception("encoder batch of %d texts failed", len(batch))
             self.metrics.batch_failures_total.inc()
-            self._loop_call(self._fail, batch, EncoderError("the encoder failed on this batch"), exc)
+            self._loop_call(
+                self._fail, batch, EncoderError("the encoder failed on this batch"), exc
+            )
             with self._cond:
                 self._inflight = []
             return
@@ -290,7 +294,9 @@ class Batcher:
             loop.call_soon_threadsafe(fn, *args)
 
     # --- on the event loop ---------------------------------------------------------------
-    def _deliver(self, batch: list[_Entry], out: torch.Tensor, started: float, elapsed: float) -> None:
+    def _deliver(
+        self, batch: list[_Entry], out: torch.Tensor, started: float, elapsed: float
+    ) -> None:
         for k, e in enumerate(batch):
             job = e.job
             if job.future.done():
@@ -303,7 +309,9 @@ class Batcher:
         for job in {id(e.job): e.job for e in batch}.values():
             job.encode_s += elapsed
 
-    def _fail(self, entries: list[_Entry], error: Exception, cause: BaseException | None = None) -> None:
+    def _fail(
+        self, entries: list[_Entry], error: Exception, cause: BaseException | None = None
+    ) -> None:
         for job in {id(e.job): e.job for e in entries}.values():
             if not job.future.done():
                 if cause is not None:
@@ -316,7 +324,9 @@ class Batcher:
         with self._cond:
             held = self._inflight
             self._inflight = []
-        self._fail(held, EncoderError("the batching worker crashed while encoding this request"), exc)
+        self._fail(
+            held, EncoderError("the batching worker crashed while encoding this request"), exc
+        )
         if not self._stopping and self._loop is not None:
             self._loop.call_later(RESTART_DELAY_S, self._restart)
 

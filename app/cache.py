@@ -252,7 +252,9 @@ class EmbeddingCache:
     def _trip(self, exc: CacheError) -> None:
         self.metrics.cache_errors_total.inc()
         if self.available:
-            log.warning("cache unavailable (%s); serving without it for %.1fs", exc.message, self.cooldown_s)
+            log.warning(
+                "cache unavailable (%s); serving without it for %.1fs", exc.message, self.cooldown_s
+            )
         self._open_until = time.monotonic() + self.cooldown_s
         self.metrics.redis_up.set(0)
         if self._probe is None or self._probe.done():
@@ -272,6 +274,13 @@ class EmbeddingCache:
             self.metrics.redis_up.set(1 if self.backend.name == "redis" else 0)
             log.info("cache backend is back")
             return
+
+    async def probe(self) -> None:
+        """Check the backend once at start-up so ``redis_up`` tells the truth from the start."""
+        try:
+            await self.backend.ping()
+        except CacheError as exc:
+            self._trip(exc)
 
     async def close(self) -> None:
         await self.flush()

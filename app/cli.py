@@ -58,9 +58,13 @@ def _text_source(args: argparse.Namespace, kind: str, tmpdir: Path) -> object:
 
     out = tmpdir / f"{kind}.npy"
     if kind == "text":
-        encode_texts_to_npy(args.texts, out, model=args.model, pretrained=args.pretrained, progress=_bar)
+        encode_texts_to_npy(
+            args.texts, out, model=args.model, pretrained=args.pretrained, progress=_bar
+        )
     else:
-        encode_images_to_npy(args.images, out, model=args.model, pretrained=args.pretrained, progress=_bar)
+        encode_images_to_npy(
+            args.images, out, model=args.model, pretrained=args.pretrained, progress=_bar
+        )
     return EmbeddingSource(out, chunk_rows=args.chunk_rows)
 
 

@@ -80,7 +80,9 @@ class EmbeddingSource:
         file larger than memory. Other sources fall back to :meth:`__iter__`.
         """
         arr = self._array
-        if not (isinstance(arr, np.memmap) and arr.dtype == np.dtype("<f4") and arr.flags.c_contiguous):
+        if not (
+            isinstance(arr, np.memmap) and arr.dtype == np.dtype("<f4") and arr.flags.c_contiguous
+        ):
             yield from self
             return
         n, d = arr.shape

@@ -195,7 +195,9 @@ def _resolve_named(arch: str, pretrained: str | None, allow_downloads: bool) -> 
     if arch not in open_clip.list_models():
         raise EncoderError(f"unknown open_clip architecture {arch!r}")
     if not pretrained:
-        raise EncoderError(f"model {arch} needs weights (pretrained is not set). {_HOW_TO_PROVIDE_WEIGHTS}")
+        raise EncoderError(
+            f"model {arch} needs weights (pretrained is not set). {_HOW_TO_PROVIDE_WEIGHTS}"
+        )
     if os.path.isfile(pretrained):
         path = Path(pretrained)
         return _Source(arch, str(path), arch, _sha256_id(path))
@@ -245,7 +247,7 @@ def _drop_vision_tower(model: nn.Module) -> None:
     """Delete the image tower: the service never uses it, and it is often half the weights."""
     if getattr(model, "visual", None) is not None:
         del model.visual
-        model.visual = None  # keep the attribute so open_clip code that checks it still works
+        model.visual = None  # type: ignore[assignment]  # keep the attribute open_clip checks
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -322,7 +324,7 @@ class TextEncoder:
         *,
         trimming: bool = True,
     ) -> None:
-        self.model = model.eval()
+        self.model: Any = model.eval()  # open_clip's attributes are dynamic for mypy
         self._tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.device: torch.device = next(model.parameters()).device
@@ -458,7 +460,7 @@ class TextEncoder:
         return True
 
 
-def _forward_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _forward_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip ``CLIP.encode_text`` with positions and causal mask sliced to ``tokens``' length."""
     length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,9 @@ def apply_to_file(
 
     def transform(rows: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:
         if stats is not None and rows.shape[1] != stats.dim:
-            raise InputError(f"embeddings have dimension {rows.shape[1]}, the profile has {stats.dim}")
+            raise InputError(
+                f"embeddings have dimension {rows.shape[1]}, the profile has {stats.dim}"
+            )
         with warnings.catch_warnings():
             # chunks may be read-only memory maps; align() never writes to its input
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -209,7 +211,11 @@ def run_evaluation(
         Profile.load(profile)
         if profile is not None
         else build_profile_from_sources(
-            EmbeddingSource(texts), EmbeddingSource(images), name="eval", model="eval", source="eval"
+            EmbeddingSource(texts),
+            EmbeddingSource(images),
+            name="eval",
+            model="eval",
+            source="eval",
         )
     )
     stats = prof.tensors("cpu")
@@ -217,7 +223,9 @@ def run_evaluation(
     aligned = {name: align(batch, stats, name).numpy() for name in ("none", "anchor", "realign")}
     result = evaluate.evaluate(img, txt, aligned, paired=paired, sample=sample, seed=seed)
     result.setdefault("meta", {})["profile"] = prof.summary()
-    evaluate.write_report(result, img, txt, aligned, Path(out_dir), paired=paired, sample=sample, seed=seed)
+    evaluate.write_report(
+        result, img, txt, aligned, Path(out_dir), paired=paired, sample=sample, seed=seed
+    )
     return evaluate.format_table(result)
 
 

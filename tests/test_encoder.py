@@ -127,11 +127,13 @@ def test_missing_pretrained_offline_fails_fast_with_help(tag: str) -> None:
 
 
 def test_bad_local_dirs_raise_encoder_error(tmp_path: Path, tiny_dir: Path) -> None:
-    with pytest.raises(EncoderError, match="open_clip_config.json"):
+    with pytest.raises(EncoderError, match=r"open_clip_config\.json"):
         load_encoder(_settings(f"local-dir:{tmp_path}"))
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
-    (no_weights / "open_clip_config.json").write_text((tiny_dir / "open_clip_config.json").read_text())
+    (no_weights / "open_clip_config.json").write_text(
+        (tiny_dir / "open_clip_config.json").read_text()
+    )
     with pytest.raises(EncoderError, match="no weights"):
         load_encoder(_settings(f"local-dir:{no_weights}"))
     with pytest.raises(EncoderError, match="needs weights"):
@@ -147,7 +149,9 @@ def test_fingerprint_ids() -> None:
     assert fp.cache_id == "ViT-B-32:laion2b_s34b_b79k:fp16"
 
 
-def test_fingerprint_stable_and_sensitive(tmp_path: Path, tiny: TextEncoder, tiny_dir: Path) -> None:
+def test_fingerprint_stable_and_sensitive(
+    tmp_path: Path, tiny: TextEncoder, tiny_dir: Path
+) -> None:
     again = load_encoder(_settings(f"local-dir:{tiny_dir}"))
     assert again.fingerprint == tiny.fingerprint
 
@@ -167,7 +171,9 @@ def test_fingerprint_stable_and_sensitive(tmp_path: Path, tiny: TextEncoder, tin
 # --- tokenising and encoding ---------------------------------------------------------------------
 
 
-def test_tokenize_matches_open_clip_and_reports_truncation(tiny: TextEncoder, tiny_dir: Path) -> None:
+def test_tokenize_matches_open_clip_and_reports_truncation(
+    tiny: TextEncoder, tiny_dir: Path
+) -> None:
     texts = [*TEXTS, LONG_TEXT]
     reference = open_clip.get_tokenizer(f"local-dir:{tiny_dir}")(texts)
     tokens = tiny.tokenize(texts)
