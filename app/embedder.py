@@ -19,7 +19,6 @@ import torch
 
 from app.batcher import Batcher, Job, Tokens
 from app.cache import CachedEmbedding, EmbeddingCache
-from app.errors import NotFoundError
 from app.metrics import Metrics
 from app.profiles import Profile, ProfileRegistry
 from app.realign import align
@@ -65,15 +64,12 @@ class Embedder:
     _background: set[asyncio.Task[dict[str, CachedEmbedding]]] = field(default_factory=set)
 
     def profile(self, name: str | None, alignment: str) -> Profile | None:
-        """Resolve the profile first, so an unknown name is a 404 before any work."""
+        """Resolve the profile first, so an unknown name is a 404 before any work.
+
+        ``none`` needs no profile: without a name it uses none (and reports none)."""
         if alignment == "none" and name is None:
             return None
-        try:
-            return self.profiles.get(name)
-        except NotFoundError:
-            if alignment == "none" and name is None:
-                return None
-            raise
+        return self.profiles.get(name)
 
     async def embed(
         self, texts: Sequence[str], profile: Profile | None, alignment: str

@@ -27,7 +27,9 @@ class LiveServer:
     """``with LiveServer(settings) as s: httpx.get(s.url + "/healthz")``."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": 0, "log_level": "warning"})
+        self.settings = settings.model_copy(
+            update={"host": "127.0.0.1", "port": 0, "log_level": "warning"}
+        )
         self.metrics = Metrics()
         self.app = create_app(self.settings, metrics=self.metrics)
         self.server = uvicorn.Server(uvicorn_config(self.settings, self.app))
@@ -68,10 +70,20 @@ class ServerProcess:
     def __init__(self, env: dict[str, str], port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "REALIGN_HOST": "127.0.0.1", "REALIGN_PORT": str(self.port), **env}
+        full_env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "REALIGN_HOST": "127.0.0.1",
+            "REALIGN_PORT": str(self.port),
+            **env,
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve"],
-            cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -100,7 +112,9 @@ class ServerProcess:
         self.wait_ready()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)

@@ -17,7 +17,9 @@ TINY_CFG = {
 }
 
 
-def write_local_dir(directory: Path, seed: int, text_overrides: dict[str, object] | None = None) -> Path:
+def write_local_dir(
+    directory: Path, seed: int, text_overrides: dict[str, object] | None = None
+) -> Path:
     """A local-dir model with random weights (open_clip's format: config JSON + safetensors)."""
     cfg = json.loads(json.dumps(TINY_CFG))
     cfg["text_cfg"].update(text_overrides or {})
@@ -30,7 +32,9 @@ def write_local_dir(directory: Path, seed: int, text_overrides: dict[str, object
     return directory
 
 
-def write_profile_for(model_dir: Path, profiles_dir: Path, name: str = "tiny", seed: int = 0) -> Path:
+def write_profile_for(
+    model_dir: Path, profiles_dir: Path, name: str = "tiny", seed: int = 0
+) -> Path:
     """A profile for a tiny model: its text embeddings of some captions vs a shifted 'image' cloud."""
     from app.config import Settings
     from app.encoder import load_encoder
@@ -42,5 +46,7 @@ def write_profile_for(model_dir: Path, profiles_dir: Path, name: str = "tiny", s
     captions = [" ".join(rng.choice(words, size=rng.integers(1, 6))) for _ in range(300)]
     texts = enc.encode_texts(captions).numpy()
     images = rng.normal(size=(400, enc.dim)) * 0.3 + rng.normal(size=enc.dim)
-    prof = build_profile_from_arrays(texts, images, name=name, model=enc.fingerprint.model_id, source="tests")
+    prof = build_profile_from_arrays(
+        texts, images, name=name, model=enc.fingerprint.model_id, source="tests"
+    )
     return prof.save(profiles_dir / f"{name}.safetensors")
