@@ -20,6 +20,7 @@ deterministic stand-in as well as the real model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -142,10 +143,8 @@ class Batcher:
             deadline = time.monotonic() + timeout_s
             while (self._queued or self._inflight) and time.monotonic() < deadline and self.alive:
                 self._idle.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    pass
         with self._cond:
             self._stopping = True
             leftovers = list(self._pending)

@@ -34,10 +34,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import demo_world as world  # noqa: E402
+import demo_world as world
 
-from app.config import Settings  # noqa: E402
-from app.encoder import TextEncoder, load_encoder  # noqa: E402
+from app.config import Settings
+from app.encoder import TextEncoder, load_encoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOGIT_SCALE = 100.0
@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="override the learning rate")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile")
     parser.add_argument(
-        "--profile-only", action="store_true", help="reuse OUT/demo; only evaluate and build the profile"
+        "--profile-only",
+        action="store_true",
+        help="reuse OUT/demo; only evaluate and build the profile",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -34,7 +36,7 @@ def test_any_chunking_and_merging_equals_one_pass(cuts: list[int], seed: int) ->
     x = rng.normal(size=(400, 16)) * np.linspace(0.1, 3, 16) + rng.normal(size=16)
     one = accumulate([x])
     bounds = [0, *sorted(cuts), 400]
-    parts = [x[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [x[a:b] for a, b in itertools.pairwise(bounds)]
     # chunked stream
     chunked = accumulate(parts)
     # shards merged in a different order
