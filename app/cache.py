@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from app.metrics import Metrics
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<HBB")  # tokens, truncated, dtype code
-_DTYPES = {0: np.dtype("<f2"), 1: np.dtype("<f4")}
+_DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype("<f2"), 1: np.dtype("<f4")}
 _CODES = {"float16": 0, "float32": 1}
 
 
@@ -140,7 +140,7 @@ class RedisBackend:
     def __init__(self, url: str, *, timeout_s: float, pool_size: int) -> None:
         import redis.asyncio as aioredis
 
-        self._errors: tuple[type[BaseException], ...] = (
+        self._errors: tuple[type[Exception], ...] = (
             aioredis.RedisError,
             OSError,
             asyncio.TimeoutError,
@@ -154,12 +154,13 @@ class RedisBackend:
                 retry_on_timeout=False,
                 health_check_interval=30,
             )
-        except (ValueError, self._errors) as exc:  # a malformed URL is a start-up error
+        except (ValueError, *self._errors) as exc:  # a malformed URL is a start-up error
             raise CacheError(f"invalid Redis URL: {type(exc).__name__}") from exc
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         try:
-            return list(await self._client.mget(list(keys)))
+            values: list[Any] = await self._client.mget(list(keys))
+            return [v if v is None or isinstance(v, bytes) else bytes(v) for v in values]
         except self._errors as exc:
             raise CacheError(f"redis MGET failed: {type(exc).__name__}") from exc
 

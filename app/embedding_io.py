@@ -92,7 +92,7 @@ class EmbeddingSource:
             for start in range(0, n, self.chunk_rows):
                 view = buf[: min(self.chunk_rows, n - start)]
                 want = view.nbytes
-                got = fh.readinto(memoryview(view).cast("B"))
+                got = fh.readinto(view.data)
                 if got != want:
                     raise InputError(f"{self.path} is truncated at row {start}")
                 yield Chunk(view)

@@ -134,7 +134,7 @@ def _apply_known_length(
             offset = 0
             for chunk in source.reused_chunks():
                 k = chunk.rows.shape[0]
-                fh.write(memoryview(transform(chunk.rows, offset, out=out_buf[:k])).cast("B"))
+                fh.write(transform(chunk.rows, offset, out=out_buf[:k]).data)
                 offset += k
                 if progress:
                     progress(k)

@@ -1,0 +1,146 @@
+"""Service throughput and latency vs the in-process encoder ceiling, and the batching gain.
+
+For each model (the ViT-B-32 text tower with random weights: same compute as pretrained; and
+the demo model), in one run:
+
+  ceiling   the encoder alone in this process: tokenize + encode batches of 64 (texts/s)
+  service   ``realign serve`` as a separate process on loopback, one text per request,
+            at concurrency 1, 16 and 64 (texts/s, p50/p99 latency), cache off
+  batch=1   the same service with ``max_batch_size=1`` at concurrency 64 (the batching gain)
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_bench.py [--models demo vit-b-32] [--seconds 8]
+
+The load generator shares the 2 cores with the server; its share is small at these rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.config import DEFAULT_MODELS_DIR, Settings  # noqa: E402
+from app.encoder import load_encoder  # noqa: E402
+from bench.encoder_bench import captions  # noqa: E402
+from tests.servers import ServerProcess  # noqa: E402
+from tests.tiny_models import write_profile_for  # noqa: E402
+
+
+def vit_b32_dir(root: Path) -> Path:
+    """Random-init ViT-B-32 in open_clip's local-dir format (only the text tower gets used)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    d = root / "ViT-B-32-random"
+    d.mkdir()
+    cfg = open_clip.get_model_config("ViT-B-32")
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    return d
+
+
+def ceiling(model_dir: Path, texts: list[str], seconds: float) -> float:
+    enc = load_encoder(Settings(model=f"local-dir:{model_dir}"))
+    enc.warmup()
+    done, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        batch = texts[i : i + 64] or texts[:64]
+        i = (i + 64) % len(texts)
+        enc.encode(enc.tokenize(batch))
+        done += len(batch)
+    rate = done / (time.perf_counter() - start)
+    del enc
+    return rate
+
+
+async def drive(url: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    counter = iter(range(10**9))
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                t = texts[next(counter) % len(texts)]
+                t0 = time.perf_counter()
+                r = await client.post("/v1/embeddings", json={"input": t, "encoding_format": "base64"})
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+
+        for k in range(min(concurrency, 8)):  # warm the connections
+            (await client.post("/v1/embeddings", json={"input": f"warm {k}"})).raise_for_status()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {
+        "texts_s": len(lat) / elapsed,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "requests": len(lat),
+    }
+
+
+def bench_model(name: str, model_dir: Path, seconds: float) -> dict[str, object]:
+    # unique texts: every request is a real encode (and the cache is off anyway)
+    texts = [f"{c} #{i}" for i, c in enumerate(captions(20000, seed=1))]
+    result: dict[str, object] = {"model": name}
+    result["ceiling_texts_s"] = ceiling(model_dir, texts, seconds)
+    profiles = model_dir.parent / f"{model_dir.name}-profiles"
+    if name == "demo":
+        profiles = DEFAULT_MODELS_DIR / "profiles"
+    elif not profiles.exists():
+        write_profile_for(model_dir, profiles, name="bench")  # so requests run the full realign path
+    env = {"REALIGN_MODEL": f"local-dir:{model_dir}", "REALIGN_CACHE_ENABLED": "false",
+           "REALIGN_PROFILES_DIR": str(profiles), "REALIGN_LOG_LEVEL": "warning"}
+    with ServerProcess(env) as server:
+        for conc in (1, 16, 64):
+            result[f"c{conc}"] = asyncio.run(drive(server.url, texts, conc, seconds))
+    with ServerProcess({**env, "REALIGN_MAX_BATCH_SIZE": "1"}) as server:
+        result["batch1_c64"] = asyncio.run(drive(server.url, texts, 64, seconds))
+    return result
+
+
+def report(r: dict) -> None:  # type: ignore[type-arg]
+    ceil = r["ceiling_texts_s"]
+    print(f"\n== {r['model']}: in-process encoder ceiling {ceil:,.1f} texts/s (batches of 64)")
+    print(f"{'setting':<22}{'texts/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    for key, label in (("c1", "service, conc 1"), ("c16", "service, conc 16"), ("c64", "service, conc 64"),
+                       ("batch1_c64", "max_batch_size=1, c64")):
+        m = r[key]
+        print(f"{label:<22}{m['texts_s']:>10,.1f}{m['texts_s'] / ceil:>12.2f}{m['p50_ms']:>10.1f}{m['p99_ms']:>10.1f}")
+    print(f"batching gain at concurrency 64: {r['c64']['texts_s'] / r['batch1_c64']['texts_s']:.1f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["demo", "vit-b-32"], choices=["demo", "vit-b-32"])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        for name in args.models:
+            model_dir = DEFAULT_MODELS_DIR / "demo" if name == "demo" else vit_b32_dir(Path(tmp))
+            results.append(bench_model(name, model_dir, args.seconds))
+            report(results[-1])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
