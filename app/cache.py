@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from app.config import Settings
 from app.errors import CacheError
 from app.metrics import Metrics
 
@@ -292,32 +293,21 @@ class EmbeddingCache:
         await self.backend.close()
 
 
-def create_cache(
-    *,
-    redis_url: str | None,
-    memory_bytes: int,
-    namespace: str,
-    prefix: str,
-    dim: int,
-    dtype: str,
-    ttl_s: int,
-    timeout_s: float,
-    cooldown_s: float,
-    pool_size: int,
-    metrics: Metrics,
-) -> EmbeddingCache:
+def create_cache(settings: Settings, *, namespace: str, dim: int, metrics: Metrics) -> EmbeddingCache:
+    """Redis when ``REALIGN_REDIS_URL`` is set, else the in-process LRU."""
+    url = settings.redis_url.get_secret_value() if settings.redis_url else None
     backend: CacheBackend = (
-        RedisBackend(redis_url, timeout_s=timeout_s, pool_size=pool_size)
-        if redis_url
-        else MemoryBackend(memory_bytes)
+        RedisBackend(url, timeout_s=settings.redis_timeout_ms / 1000, pool_size=settings.redis_pool_size)
+        if url
+        else MemoryBackend(settings.cache_memory_bytes)
     )
     return EmbeddingCache(
         backend,
         namespace=namespace,
-        prefix=prefix,
+        prefix=settings.cache_prefix,
         dim=dim,
-        dtype=dtype,
-        ttl_s=ttl_s,
-        cooldown_s=cooldown_s,
+        dtype=settings.cache_dtype,
+        ttl_s=settings.cache_ttl_s,
+        cooldown_s=settings.redis_breaker_cooldown_s,
         metrics=metrics,
     )

@@ -106,19 +106,7 @@ async def start_service(
     batcher.start()
     cache = None
     if settings.cache_enabled:
-        cache = create_cache(
-            redis_url=settings.redis_url.get_secret_value() if settings.redis_url else None,
-            memory_bytes=settings.cache_memory_bytes,
-            namespace=encoder.fingerprint.cache_id,
-            prefix=settings.cache_prefix,
-            dim=encoder.dim,
-            dtype=settings.cache_dtype,
-            ttl_s=settings.cache_ttl_s,
-            timeout_s=settings.redis_timeout_ms / 1000,
-            cooldown_s=settings.redis_breaker_cooldown_s,
-            pool_size=settings.redis_pool_size,
-            metrics=metrics,
-        )
+        cache = create_cache(settings, namespace=encoder.fingerprint.cache_id, dim=encoder.dim, metrics=metrics)
         if settings.redis_url:
             await cache.probe()
     fp = encoder.fingerprint
