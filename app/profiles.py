@@ -136,6 +136,7 @@ class Profile:
             "format_version": self.format_version,
         }
         save_file(tensors, str(p), metadata=metadata)
+        p.chmod(0o644)  # safetensors writes 0600; a profile is read by the (non-root) service
         return p
 
     @classmethod
