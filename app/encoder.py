@@ -69,9 +69,9 @@ PROBE_TEXTS = (
     " ".join(["long"] * 100),
 )
 _HOW_TO_PROVIDE_WEIGHTS = (
-    "Provide weights with REALIGN_PRETRAINED=/path/to/checkpoint (a local file), "
-    "REALIGN_MODEL=local-dir:/path/to/dir (open_clip_config.json + weights file), "
-    "or allow downloads with REALIGN_ALLOW_DOWNLOADS=1."
+    "Provide weights locally: pretrained=/path/to/checkpoint (REALIGN_PRETRAINED), or "
+    "model=local-dir:/path/to/dir holding open_clip_config.json and a weights file "
+    "(REALIGN_MODEL); or let open_clip download them with REALIGN_ALLOW_DOWNLOADS=1."
 )
 
 

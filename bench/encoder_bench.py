@@ -49,12 +49,23 @@ def captions(n: int, seed: int = 0) -> list[str]:
     ]
 
 
-def _rate(fn: Callable[[list[str]], torch.Tensor], batches: list[list[str]]) -> float:
-    fn(batches[0])  # warm-up
-    start = time.perf_counter()
+def _rates(
+    ours: Callable[[list[str]], torch.Tensor],
+    naive: Callable[[list[str]], torch.Tensor],
+    batches: list[list[str]],
+) -> tuple[float, float]:
+    """texts/s of both sides, timed batch by batch in alternation, so that load from other
+    processes on a shared machine hits both sides alike."""
+    ours(batches[0])  # warm-up
+    naive(batches[0])
+    spent = {"ours": 0.0, "naive": 0.0}
     for batch in batches:
-        fn(batch)
-    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+        for name, fn in (("ours", ours), ("naive", naive)):
+            start = time.perf_counter()
+            fn(batch)
+            spent[name] += time.perf_counter() - start
+    n = sum(len(b) for b in batches)
+    return n / spent["ours"], n / spent["naive"]
 
 
 def compare(
@@ -69,8 +80,7 @@ def compare(
 
     lengths = [t.n_tokens for t in encoder.tokenize(texts)]
     diff = float((encoder.encode_texts(batches[0]) - naive(batches[0])).abs().max())
-    ours_rate = _rate(encoder.encode_texts, batches)
-    naive_rate = _rate(naive, batches)
+    ours_rate, naive_rate = _rates(encoder.encode_texts, naive, batches)
     print(
         f"{name:10s} tokens/text {min(lengths)}-{max(lengths)}  trimming={encoder.trimming}  "
         f"naive {naive_rate:7.1f} texts/s  ours {ours_rate:7.1f} texts/s  "

@@ -18,6 +18,8 @@ independent one.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -90,6 +92,17 @@ class _Tokens:
         return ids[:, : int((ids != 0).sum(dim=1).max())]
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only).
+
+    The trimmed text batches change shape every step, and glibc's heap fragments under that
+    pattern: without this the process grew by ~9 MB per step (9 GB over a full run) although
+    nothing is retained.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def logit_scale_at(step: int, plan: Plan) -> float:
     """A fixed schedule, never learned: 10 -> 100 over the first tenth of training, then 100.
 
@@ -149,6 +162,8 @@ def train(plan: Plan) -> open_clip.CLIP:
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if step % 20 == 0:
+            _release_freed_memory()
         if step % plan.log_every == 0 or step == plan.steps - 1:
             print(
                 f"step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - start:6.1f}s",
@@ -163,7 +178,9 @@ def save_local_dir(model: open_clip.CLIP, out: Path) -> Path:
     config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "open_clip_model.safetensors"))
+    weights = out / "open_clip_model.safetensors"
+    save_file(state, str(weights))
+    weights.chmod(0o644)  # safetensors writes 0600; containers read it as another user
     return out
 
 
