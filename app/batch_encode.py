@@ -72,7 +72,7 @@ def encode_images_to_npy(
     if not files:
         raise InputError(f"{directory} holds no images (.png, .jpg, .jpeg, .webp, .bmp)")
     bar = progress("encoding images", len(files)) if progress else None
-    arr: np.ndarray | None = None
+    arr: np.memmap | None = None
     for offset, rows in encode_image_files(_settings(model, pretrained), files):
         if arr is None:
             arr = np.lib.format.open_memmap(

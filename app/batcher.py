@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from app.errors import EncoderError, NotReadyError, OverloadError
+from app.errors import EncoderError, NotReadyError, OverloadError, TooManyInputsError
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,11 @@ class Batcher:
         if n == 0:
             job.future.set_result(job.out)
             return job
+        if n > self.config.max_queue_texts:  # would never fit: a 429 would be retried forever
+            raise TooManyInputsError(
+                f"{n} texts to encode exceed the queue capacity of "
+                f"{self.config.max_queue_texts}; send fewer texts per request"
+            )
         entries = [_Entry(t, int(t.ids.shape[0]), job, i) for i, t in enumerate(tokens)]
         with self._cond:
             if self._queued + n > self.config.max_queue_texts:

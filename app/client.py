@@ -34,6 +34,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import Dataset
+
+    _DatasetBase = Dataset[dict[str, Any]]
+else:  # torch's Dataset is a plain base class; DataLoader needs only __getitem__ and __len__
+    _DatasetBase = object
 
 __all__ = [
     "AsyncRealignClient",
@@ -185,7 +190,6 @@ class _Core:
         self,
         base_url: str | None,
         api_key: str | None,
-        timeout: float | httpx.Timeout,
         transport: Transport,
         dtype: Dtype,
         max_batch: int,
@@ -200,7 +204,6 @@ class _Core:
             raise ValueError("max_batch must be >= 1")
         self.base_url = (base_url or os.environ.get("REALIGN_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("REALIGN_API_KEY")
-        self.timeout = timeout
         self.transport = transport
         self.dtype = dtype
         self.max_batch = max_batch
@@ -300,7 +303,7 @@ class _Core:
                 )
             try:
                 arr = np.load(io.BytesIO(response.content), allow_pickle=False)
-            except ValueError as exc:
+            except (ValueError, OSError, EOFError) as exc:
                 raise RealignResponseError(f"invalid .npy body: {exc}") from exc
         else:
             wire = np.dtype("<f2" if self.dtype == "float16" else "<f4")
@@ -366,7 +369,7 @@ class RealignClient:
         on_retry: Callable[[RetryEvent], None] | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._core = _Core(base_url, api_key, timeout, transport, dtype, max_batch, retry, on_retry)
+        self._core = _Core(base_url, api_key, transport, dtype, max_batch, retry, on_retry)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             base_url=self._core.base_url, timeout=timeout, headers=self._core.headers()
@@ -384,7 +387,13 @@ class RealignClient:
         profile: str | None = None,
         alignment: Alignment = "realign",
     ) -> np.ndarray:
-        """Pseudo-image embeddings of ``texts``: an (n, d) float32 array, rows in input order."""
+        """Pseudo-image embeddings of ``texts``: an (n, d) float32 array, rows in input order.
+
+        ``profile`` names a server profile (default: the server's default); ``alignment`` is
+        ``realign``, ``anchor`` or ``none``. Raises :class:`RealignHTTPError` for error
+        statuses (after retries for 429/5xx), :class:`RealignConnectionError` when the server
+        cannot be reached, ``ValueError``/``TypeError`` for an empty list or non-strings.
+        """
         items = _check_texts(texts)
         parts = []
         for chunk in self._core.chunks(items):
@@ -463,7 +472,7 @@ class AsyncRealignClient:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
-        self._core = _Core(base_url, api_key, timeout, transport, dtype, max_batch, retry, on_retry)
+        self._core = _Core(base_url, api_key, transport, dtype, max_batch, retry, on_retry)
         self._concurrency = concurrency
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
@@ -542,11 +551,12 @@ class AsyncRealignClient:
 # ---------------------------------------------------------------- torch data loaders
 
 
-class CaptionDataset:
+class CaptionDataset(_DatasetBase):
     """A map-style dataset of captions (plus any per-item fields), for ``DataLoader``.
 
-    Items are ``{"caption": text, **fields}``; needs no torch (any object with ``__len__`` and
-    ``__getitem__`` is a dataset). ``CaptionDataset(texts, label=labels)``.
+    Items are ``{"caption": text, **fields}``: ``CaptionDataset(texts, label=labels)``. It
+    imports no torch (a ``DataLoader`` needs only ``__len__`` and ``__getitem__``); type
+    checkers see a ``torch.utils.data.Dataset``.
     """
 
     def __init__(self, captions: Sequence[str], **fields: Sequence[Any]) -> None:
@@ -618,16 +628,16 @@ class PseudoImageCollate:
             self.client.embed(texts, profile=self.profile, alignment=self.alignment)
         )
 
-    def __call__(self, batch: Sequence[str] | Sequence[Mapping[str, Any]]) -> Any:
+    def __call__(self, batch: Sequence[Any]) -> Any:
+        """Strings -> an (n, d) float32 tensor; mappings -> a dict (see the class docstring)."""
         if all(isinstance(item, str) for item in batch):
-            return self.embed(batch)  # type: ignore[arg-type]
+            return self.embed(list(batch))
         if not all(isinstance(item, Mapping) for item in batch):
             raise TypeError("batch items must all be strings or all be mappings")
         from torch.utils.data import default_collate
 
-        items: Sequence[Mapping[str, Any]] = batch  # type: ignore[assignment]
-        texts = [item[self.caption_key] for item in items]
-        rest = [{k: v for k, v in item.items() if k != self.caption_key} for item in items]
+        texts = [item[self.caption_key] for item in batch]
+        rest = [{k: v for k, v in item.items() if k != self.caption_key} for item in batch]
         out: dict[str, Any] = dict(default_collate(rest)) if rest[0] else {}
         out[self.caption_key] = texts
         out[self.output_key] = self.embed(texts)

@@ -7,11 +7,12 @@ patching globals.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Repository root when running from a checkout; the demo artifacts live under it.
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     # --- security ----------------------------------------------------------------------------
-    api_keys: list[SecretStr] = Field(default_factory=list)
+    # NoDecode: the env source must not JSON-decode this list itself (``a,b`` is not JSON);
+    # ``_split_keys`` reads both forms.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     # --- cache --------------------------------------------------------------------------------
     redis_url: SecretStr | None = None
@@ -90,7 +93,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             stripped = value.strip()
             if stripped.startswith("["):
-                return value
+                return json.loads(stripped)
             return [k.strip() for k in stripped.split(",") if k.strip()]
         return value
 

@@ -29,6 +29,13 @@ _OFFLOAD_FLOATS = 1 << 18
 _INLINE_TOKENIZE = 16
 
 
+def _cancel_requested() -> bool:
+    """Whether the current task itself is being cancelled (Python >= 3.11 can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
 class Tokenizer(Protocol):
     def tokenize(self, texts: Sequence[str]) -> list[Any]: ...
 
@@ -127,15 +134,26 @@ class Embedder:
         self._inflight.update(owned)
         result: dict[str, CachedEmbedding] = {}
         queue_s = inference_s = 0.0
+        orphaned: list[str] = []
         try:
             if mine:
                 encoded, queue_s, inference_s = await self._encode_own(mine, owned)
                 result.update(encoded)
             for t, shared in theirs.items():
-                result[t] = await asyncio.shield(shared.future)
+                try:
+                    result[t] = await asyncio.shield(shared.future)
+                except asyncio.CancelledError:
+                    if not shared.future.cancelled() or _cancel_requested():
+                        raise  # our own client left
+                    orphaned.append(t)  # the owner's client left before queueing them
         finally:
             for shared in theirs.values():
                 shared.waiters -= 1
+        if orphaned:
+            found, more_queue_s, more_inference_s = await self._encode_shared(orphaned)
+            result.update(found)
+            queue_s += more_queue_s
+            inference_s += more_inference_s
         return result, queue_s, inference_s
 
     async def _encode_own(

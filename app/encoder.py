@@ -24,11 +24,12 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from app.config import Settings
-from app.errors import EncoderError
+from app.errors import EncoderError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -502,3 +503,62 @@ def load_encoder(settings: Settings) -> TextEncoder:
         encoder.trimming,
     )
     return encoder
+
+
+# --- offline helpers: fingerprints without a forward pass, and image encoding for profiles -----
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def fingerprint_for(settings: Settings) -> EncoderFingerprint:
+    """The fingerprint :func:`load_encoder` would give, without building the model."""
+    source = _resolve_source(settings)
+    precision = _resolve_precision(settings.precision, _resolve_device(settings.device))
+    return EncoderFingerprint(source.arch, source.weights, precision)
+
+
+def image_files(directory: str | Path) -> list[Path]:
+    """Every image below ``directory``, in a stable order."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise InputError(f"{root} is not a directory of images")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def encode_image_files(
+    settings: Settings, files: Sequence[Path], batch_size: int = 64
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode images with the model's own vision tower and preprocessing, for profile building.
+
+    Yields ``(offset, rows)`` with L2-normalised float32 rows. This is the one place the vision
+    tower is loaded; the service itself never keeps it.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    source = _resolve_source(settings)
+    device = _resolve_device(settings.device)
+    precision = _resolve_precision(settings.precision, device)
+    if not settings.allow_downloads:
+        _force_offline()
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.model_name, pretrained=source.checkpoint, precision=precision, device=device
+        )
+    except Exception as exc:
+        raise EncoderError(f"could not load model {source.model_name}: {exc}") from exc
+    model.eval()
+    for offset in range(0, len(files), batch_size):
+        pixels = []
+        for path in files[offset : offset + batch_size]:
+            try:
+                with Image.open(path) as img:
+                    pixels.append(preprocess(img.convert("RGB")))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise InputError(f"cannot read image {path}: {exc}") from exc
+        batch = torch.stack(pixels).to(device)
+        try:
+            with torch.inference_mode():
+                features = model.encode_image(batch)
+        except RuntimeError as exc:
+            raise EncoderError(f"image encoder failed: {exc}") from exc
+        yield offset, F.normalize(features.float(), dim=-1).cpu().numpy()

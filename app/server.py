@@ -38,8 +38,11 @@ def uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
 def run(settings: Settings) -> None:
     from app.api import create_app
 
+    # force: ``realign``'s main() already configured WARNING, which would make this a no-op
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     log.info("loading %s (pretrained=%s)", settings.model, settings.pretrained)
     encoder = prepare_encoder(settings)

@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.embedding_io import EmbeddingSource  # noqa: E402
-from app.offline import apply_to_file  # noqa: E402
-from app.profiles import build_profile_from_arrays  # noqa: E402
+from app.embedding_io import EmbeddingSource
+from app.offline import apply_to_file
+from app.profiles import build_profile_from_arrays
 
 
 def anon_rss_mb() -> float:

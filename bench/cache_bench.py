@@ -26,11 +26,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import DEFAULT_MODELS_DIR  # noqa: E402
-from bench.encoder_bench import captions  # noqa: E402
-from bench.serve_bench import vit_b32_dir  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
-from tests.tiny_models import write_profile_for  # noqa: E402
+from app.config import DEFAULT_MODELS_DIR
+from bench.encoder_bench import captions
+from bench.serve_bench import vit_b32_dir
+from tests.servers import ServerProcess
+from tests.tiny_models import write_profile_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import math
 import random
 import sys
@@ -41,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.client import (  # noqa: E402
+from app.client import (
     AsyncRealignClient,
     RealignClientError,
     RetryEvent,
@@ -114,7 +112,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def reference_rows(raw: np.ndarray, stats: dict[str, np.ndarray | float], alignment: str) -> np.ndarray:
+def reference_rows(
+    raw: np.ndarray, stats: dict[str, np.ndarray | float], alignment: str
+) -> np.ndarray:
     """ReAlign in plain float64 NumPy (the formula of DESIGN.md §1, written again here)."""
     e = _unit(np.asarray(raw, np.float64))
     if alignment == "none":
@@ -204,8 +204,7 @@ class LoadReport:
             f"over {self.elapsed_s:.1f} s",
             f"latency    p50 {self.percentile(50) * 1000:.0f} ms, "
             f"p99 {self.percentile(99) * 1000:.0f} ms (incl. retries)",
-            f"max |err|  "
-            + ", ".join(f"{k} {v:.2e}" for k, v in sorted(self.max_err.items())),
+            "max |err|  " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(self.max_err.items())),
             f"statuses   {dict(sorted(self.statuses.items()))}",
         ]
         lines += [f"  WRONG  {w}" for w in self.wrong[:10]]
@@ -255,8 +254,13 @@ async def run_load(
     ) as http:
         sdk = {
             (transport, dtype): AsyncRealignClient(
-                url, transport=transport, dtype=dtype, retry=retry, on_retry=on_retry,
-                http_client=http, max_batch=4096,
+                url,
+                transport=transport,
+                dtype=dtype,
+                retry=retry,
+                on_retry=on_retry,
+                http_client=http,
+                max_batch=4096,
             )
             for transport in ("npy", "base64")
             for dtype in ("float32", "float16")
@@ -291,7 +295,9 @@ async def run_load(
                     got = await float_json(p)
                 else:
                     got = await sdk[(fmt, dtype)].embed(
-                        p.texts, profile=reference.profile, alignment=p.alignment  # type: ignore[arg-type]
+                        p.texts,
+                        profile=reference.profile,
+                        alignment=p.alignment,  # type: ignore[arg-type]
                     )
                     report.statuses[200] += 1
             except (RealignClientError, httpx.HTTPError, ValueError, KeyError) as exc:
@@ -299,7 +305,11 @@ async def run_load(
                 return
             report.latencies.append(time.perf_counter() - start)
             want = reference.expected(p.texts, p.alignment)
-            err = float(np.max(np.abs(got.astype(np.float64) - want))) if got.shape == want.shape else math.inf
+            err = (
+                float(np.max(np.abs(got.astype(np.float64) - want)))
+                if got.shape == want.shape
+                else math.inf
+            )
             report.max_err[dtype] = max(report.max_err.get(dtype, 0.0), err)
             if err > TOLERANCE[dtype]:
                 report.wrong.append(
@@ -349,7 +359,9 @@ def _check_loopback(url: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", help="an already running server on loopback (else one is started)")
     ap.add_argument("--model", help="REALIGN_MODEL of the server (default: demo, else tiny)")
     ap.add_argument("--profiles", type=Path, help="profiles dir of the server")
@@ -387,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = Reference(model, profiles, args.profile)
         n_unique = len({t for p in plan for t in p.texts})
         print(f"reference: encoding {n_unique} distinct texts one at a time ...", flush=True)
-        print(f"reference: {reference.prepare([t for p in plan for t in p.texts]):.1f} s", flush=True)
+        print(
+            f"reference: {reference.prepare([t for p in plan for t in p.texts]):.1f} s", flush=True
+        )
 
         if args.url:
             _check_loopback(args.url)

@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import DEFAULT_MODELS_DIR, Settings  # noqa: E402
-from app.encoder import load_encoder  # noqa: E402
-from bench.encoder_bench import captions  # noqa: E402
-from tests.servers import ServerProcess  # noqa: E402
-from tests.tiny_models import write_profile_for  # noqa: E402
+from app.config import DEFAULT_MODELS_DIR, Settings
+from app.encoder import load_encoder
+from bench.encoder_bench import captions
+from tests.servers import ServerProcess
+from tests.tiny_models import write_profile_for
 
 
 def vit_b32_dir(root: Path) -> Path:

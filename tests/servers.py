@@ -17,6 +17,7 @@ import uvicorn
 
 from app.api import create_app
 from app.config import Settings
+from app.encoder import TextEncoder
 from app.metrics import Metrics
 from app.server import uvicorn_config
 
@@ -26,12 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 class LiveServer:
     """``with LiveServer(settings) as s: httpx.get(s.url + "/healthz")``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, encoder: TextEncoder | None = None) -> None:
+        """``encoder``: a pre-built (e.g. fault-injecting) encoder instead of loading one."""
         self.settings = settings.model_copy(
             update={"host": "127.0.0.1", "port": 0, "log_level": "warning"}
         )
         self.metrics = Metrics()
-        self.app = create_app(self.settings, metrics=self.metrics)
+        self.app = create_app(self.settings, metrics=self.metrics, encoder=encoder)
         self.server = uvicorn.Server(uvicorn_config(self.settings, self.app))
         self._thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
         self.url = ""

@@ -303,3 +303,46 @@ def test_cli_process_has_no_traceback(files: dict[str, Path]) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "os.system" in proc.stderr or "posix.system" in proc.stderr
+
+
+def test_build_from_images_and_texts_with_the_demo_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--images DIR and --texts FILE: both towers of the demo model, the profile bound to it."""
+    from PIL import Image
+
+    from app.config import DEFAULT_MODELS_DIR, Settings
+    from app.encoder import fingerprint_for, load_encoder
+    from examples.demo_world import caption, render_batch, sample_world
+
+    demo = f"local-dir:{DEFAULT_MODELS_DIR / 'demo'}"
+    images = render_batch(sample_world(24, seed=5))
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, img in enumerate(images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(arr).save(img_dir / f"{i:03d}.png")
+    rng = __import__("random").Random(1)
+    texts = tmp_path / "captions.txt"
+    texts.write_text("\n".join(caption(s, rng) for s in sample_world(30, seed=6)) + "\n\n")
+    out = tmp_path / "demo_built.safetensors"
+    rc = main(["profile", "build", "--out", str(out), "--images", str(img_dir), "--texts", str(texts), "--model", demo])
+    assert rc == 0, capsys.readouterr().err
+    prof = Profile.load(out)
+    assert prof.model == fingerprint_for(Settings(model=demo)).model_id
+    assert (prof.n_img, prof.n_txt, prof.dim) == (24, 30, 128)
+    # the text side equals encoding the captions directly
+    enc = load_encoder(Settings(model=demo))
+    lines = [t for t in texts.read_text().splitlines() if t]
+    np.testing.assert_allclose(prof.mu_txt, four_pass(enc.encode_texts(lines).numpy(), np.ones((2, 128)))["mu_txt"], atol=1e-6)
+
+    aligned = tmp_path / "aligned.npy"
+    assert main(["apply", "--profile", str(out), "--texts", str(texts), "--model", demo, "--out", str(aligned)]) == 0
+    expected = apply(four_pass(enc.encode_texts(lines).numpy(), np.ones((2, 128))) | {
+        k: getattr(prof, k) for k in ("mu_txt", "mu_img", "mu_hat", "scale")}, enc.encode_texts(lines).numpy())
+    assert np.max(np.abs(np.load(aligned) - expected)) <= 1e-5
+    wrong = tmp_path / "tiny_model"
+    from tests.tiny_models import write_local_dir
+
+    write_local_dir(wrong, seed=3)
+    capsys.readouterr()
+    assert main(["apply", "--profile", str(out), "--texts", str(texts), "--model", f"local-dir:{wrong}", "--out", str(aligned)]) == 2
+    assert "was built for" in capsys.readouterr().err
