@@ -10,7 +10,8 @@ the demo model), in one run:
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_bench.py [--models demo vit-b-32] [--seconds 8]
 
-The load generator shares the 2 cores with the server; its share is small at these rates.
+The load generator (``bench/loadgen.py``, raw asyncio HTTP/1.1 keep-alive) shares the 2 cores
+with the server; its CPU share is printed (a few percent).
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.config import DEFAULT_MODELS_DIR, Settings
 from app.encoder import load_encoder
 from bench.encoder_bench import captions
+from bench.loadgen import post_load
 from tests.servers import ServerProcess
 from tests.tiny_models import write_profile_for
 
@@ -66,32 +66,13 @@ def ceiling(model_dir: Path, texts: list[str], seconds: float) -> float:
     return rate
 
 
-async def drive(url: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    counter = iter(range(10**9))
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def worker() -> None:
-            while time.perf_counter() < stop:
-                t = texts[next(counter) % len(texts)]
-                t0 = time.perf_counter()
-                r = await client.post("/v1/embeddings", json={"input": t, "encoding_format": "base64"})
-                r.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
-
-        for k in range(min(concurrency, 8)):  # warm the connections
-            (await client.post("/v1/embeddings", json={"input": f"warm {k}"})).raise_for_status()
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    return {
-        "texts_s": len(lat) / elapsed,
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-        "requests": len(lat),
-    }
+def _load(url: str, texts: list[str], concurrency: int, seconds: float) -> dict[str, float]:
+    """One distinct text per request (base64 float32), ``concurrency`` keep-alive connections."""
+    result = asyncio.run(
+        post_load(url, lambda i: {"input": texts[i % len(texts)], "encoding_format": "base64"}, concurrency, seconds)
+    )
+    result["texts_s"] = result["requests_s"]
+    return result
 
 
 def bench_model(name: str, model_dir: Path, seconds: float) -> dict[str, object]:
@@ -108,20 +89,21 @@ def bench_model(name: str, model_dir: Path, seconds: float) -> dict[str, object]
            "REALIGN_PROFILES_DIR": str(profiles), "REALIGN_LOG_LEVEL": "warning"}
     with ServerProcess(env) as server:
         for conc in (1, 16, 64):
-            result[f"c{conc}"] = asyncio.run(drive(server.url, texts, conc, seconds))
+            result[f"c{conc}"] = _load(server.url, texts, conc, seconds)
     with ServerProcess({**env, "REALIGN_MAX_BATCH_SIZE": "1"}) as server:
-        result["batch1_c64"] = asyncio.run(drive(server.url, texts, 64, seconds))
+        result["batch1_c64"] = _load(server.url, texts, 64, seconds)
     return result
 
 
 def report(r: dict) -> None:  # type: ignore[type-arg]
     ceil = r["ceiling_texts_s"]
     print(f"\n== {r['model']}: in-process encoder ceiling {ceil:,.1f} texts/s (batches of 64)")
-    print(f"{'setting':<22}{'texts/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'setting':<22}{'texts/s':>10}{'of ceiling':>12}{'p50 ms':>10}{'p99 ms':>10}{'client CPU':>12}")
     for key, label in (("c1", "service, conc 1"), ("c16", "service, conc 16"), ("c64", "service, conc 64"),
                        ("batch1_c64", "max_batch_size=1, c64")):
         m = r[key]
-        print(f"{label:<22}{m['texts_s']:>10,.1f}{m['texts_s'] / ceil:>12.2f}{m['p50_ms']:>10.1f}{m['p99_ms']:>10.1f}")
+        print(f"{label:<22}{m['texts_s']:>10,.1f}{m['texts_s'] / ceil:>12.2f}{m['p50_ms']:>10.1f}{m['p99_ms']:>10.1f}"
+              f"{m['client_cpu_share']:>12.0%}")
     print(f"batching gain at concurrency 64: {r['c64']['texts_s'] / r['batch1_c64']['texts_s']:.1f}x")
 
 

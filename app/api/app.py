@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from app import __version__
 from app.api import errors, routes_embeddings, routes_health, routes_meta
-from app.api.deps import require_api_key
+from app.api.auth import ApiKeyAuth
 from app.api.middleware import BodyLimit, RequestMetrics
 from app.config import Settings
 from app.encoder import TextEncoder
@@ -40,12 +40,12 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.service = None
-    app.state.api_keys = [k.get_secret_value().encode() for k in settings.api_keys]
     errors.install(app)
     app.include_router(routes_health.router)
-    v1 = [Depends(require_api_key)]
-    app.include_router(routes_embeddings.router, dependencies=v1, tags=["embeddings"])
-    app.include_router(routes_meta.router, dependencies=v1, tags=["models"])
+    app.include_router(routes_embeddings.router, tags=["embeddings"])
+    app.include_router(routes_meta.router, tags=["models"])
+    # outermost last: metrics see every answer; auth answers before a body byte is read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=[k.get_secret_value().encode() for k in settings.api_keys])
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

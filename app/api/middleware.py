@@ -40,7 +40,7 @@ class BodyLimit:
                 except ValueError:
                     declared = -1
                 if declared > self.max_bytes or declared < 0:
-                    await _send_error(
+                    await send_error(
                         send,
                         413 if declared > 0 else 400,
                         "body_too_large" if declared > 0 else "bad_request",
@@ -64,21 +64,23 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    body = orjson.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": code}}
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """An error in the JSON shape of DESIGN.md §3, from middleware (before any route runs)."""
+    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra_headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
