@@ -46,20 +46,11 @@ from app.client import (
     RetryPolicy,
     parse_retry_after,
 )
+from bench.encoder_bench import _ACTIONS, _PLACES, _SUBJECTS
 
 FORMATS = ("float", "base64-f32", "base64-f16", "npy-f32", "npy-f16")
 ALIGNMENTS = ("realign", "realign", "anchor", "none")
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3}
-
-_SUBJECTS = ("a small dog", "two children", "an old red car", "a wooden table", "a bird", "a man")
-_ACTIONS = ("sitting", "playing", "parked", "standing", "resting", "waiting", "running")
-_PLACES = (
-    "on a sunny beach",
-    "next to a tall building in the city",
-    "in a kitchen with white walls",
-    "under a tree in the park",
-    "at the end of a long road",
-)
 
 
 # --- the plan ----------------------------------------------------------------------------------
