@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 from app.corpus import count_texts, read_texts
 from app.errors import InputError
 
 ENCODE_CHUNK = 1024
 
 
-def _settings(model: str | None, pretrained: str | None):  # type: ignore[no-untyped-def]
+def _settings(model: str | None, pretrained: str | None) -> Settings:
     return get_settings(model=model, pretrained=pretrained)
 
 

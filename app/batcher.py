@@ -163,6 +163,11 @@ class Batcher:
         if not self._accepting:
             raise NotReadyError("the service is not accepting requests (starting or shutting down)")
         n = len(tokens)
+        if n > self.config.max_queue_texts:  # would never fit: a 429 would be retried forever
+            raise TooManyInputsError(
+                f"{n} texts to encode exceed the queue capacity of "
+                f"{self.config.max_queue_texts}; send fewer texts per request"
+            )
         job = Job(
             n=n,
             out=torch.empty(n, self.encoder.dim, dtype=torch.float32),
@@ -172,11 +177,6 @@ class Batcher:
         if n == 0:
             job.future.set_result(job.out)
             return job
-        if n > self.config.max_queue_texts:  # would never fit: a 429 would be retried forever
-            raise TooManyInputsError(
-                f"{n} texts to encode exceed the queue capacity of "
-                f"{self.config.max_queue_texts}; send fewer texts per request"
-            )
         entries = [_Entry(t, int(t.ids.shape[0]), job, i) for i, t in enumerate(tokens)]
         with self._cond:
             if self._queued + n > self.config.max_queue_texts:

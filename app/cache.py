@@ -211,6 +211,7 @@ class EmbeddingCache:
         self._open_until = 0.0
         self._probe: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self._closed = False
         metrics.redis_up.set(1 if backend.name == "redis" else 0)
 
     def key(self, text: str) -> str:
@@ -233,7 +234,7 @@ class EmbeddingCache:
 
     def put_many_background(self, items: Sequence[tuple[str, CachedEmbedding]]) -> None:
         """Write without delaying the response; the task is kept so it is not collected."""
-        if not items or not self.available:
+        if not items or not self.available or self._closed:
             return
         task = asyncio.get_running_loop().create_task(self._put(list(items)))
         self._writes.add(task)
@@ -285,6 +286,7 @@ class EmbeddingCache:
             self._trip(exc)
 
     async def close(self) -> None:
+        self._closed = True  # late writers (after the drain) are dropped, not sent to a closed client
         await self.flush()
         if self._probe is not None:
             self._probe.cancel()

@@ -13,8 +13,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.errors import RealignError
+
+if TYPE_CHECKING:
+    from app.embedding_io import EmbeddingSource
 
 EXIT_USAGE = 2
 
@@ -47,7 +51,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --- profile build / inspect / import --------------------------------------------------------
-def _text_source(args: argparse.Namespace, kind: str, tmpdir: Path) -> object:
+def _embedding_source(args: argparse.Namespace, kind: str, tmpdir: Path) -> EmbeddingSource:
     """An EmbeddingSource for texts or images, encoding with a model where needed."""
     from app.embedding_io import EmbeddingSource
 
@@ -71,7 +75,6 @@ def _text_source(args: argparse.Namespace, kind: str, tmpdir: Path) -> object:
 def _cmd_profile_build(args: argparse.Namespace) -> int:
     import tempfile
 
-    from app.embedding_io import EmbeddingSource
     from app.errors import InputError
     from app.offline import build_profile_from_sources
 
@@ -82,9 +85,8 @@ def _cmd_profile_build(args: argparse.Namespace) -> int:
     needs_model = args.texts is not None or args.images is not None
     model_id = args.model_id
     with tempfile.TemporaryDirectory(prefix="realign-build-") as tmp:
-        texts = _text_source(args, "text", Path(tmp))
-        images = _text_source(args, "image", Path(tmp))
-        assert isinstance(texts, EmbeddingSource) and isinstance(images, EmbeddingSource)
+        texts = _embedding_source(args, "text", Path(tmp))
+        images = _embedding_source(args, "image", Path(tmp))
         if needs_model and model_id is None:
             from app.batch_encode import model_id_for
 

@@ -20,7 +20,6 @@ DEFAULT_MODELS_DIR = _REPO_ROOT / "models"
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-Alignment = Literal["realign", "anchor", "none"]
 CacheDtype = Literal["float16", "float32"]
 
 

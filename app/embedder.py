@@ -175,7 +175,7 @@ class Embedder:
                     self._finish(job, texts, tokens, owned)
                 )
                 self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                task.add_done_callback(self._forget)
             else:
                 if job is not None:
                     job.cancel()
@@ -204,6 +204,17 @@ class Embedder:
         if self.cache is not None:
             self.cache.put_many_background(list(values.items()))
         return values
+
+    def _forget(self, task: asyncio.Task[dict[str, CachedEmbedding]]) -> None:
+        """Drop a finished background task, reading its error: the waiters already got it."""
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    async def drain(self) -> None:
+        """Wait for encodes kept alive for other requests' sake (shutdown: before the cache)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     def _settle(
         self,

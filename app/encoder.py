@@ -19,6 +19,7 @@ outputs.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import logging
@@ -122,8 +123,16 @@ class _Source:
 
 
 def _sha256_id(path: Path) -> str:
+    """The weights id; remembered per (file, size, mtime), since one CLI run resolves the
+    model several times (fingerprint, text encoding, image encoding)."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return f"sha256-{digest.hexdigest()[:16]}"
@@ -398,9 +407,7 @@ class TextEncoder:
         if not batch:
             return torch.empty(0, getattr(self, "dim", 0))
         length = max(t.n_tokens for t in batch) if self.trimming else self.context_length
-        tokens = torch.full((len(batch), length), self._pad_id, dtype=torch.long)
-        for row, text in enumerate(batch):
-            tokens[row, : text.n_tokens] = text.ids
+        tokens = self._pad(batch, length)
         try:
             with torch.inference_mode():
                 features = self._forward(tokens.to(self.device), trimmed=self.trimming)
@@ -424,6 +431,13 @@ class TextEncoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _pad(self, batch: Sequence[TokenizedText], length: int) -> torch.Tensor:
+        """(n, length) int64 ids, each row padded with the tokenizer's pad id."""
+        tokens = torch.full((len(batch), length), self._pad_id, dtype=torch.long)
+        for row, text in enumerate(batch):
+            tokens[row, : text.n_tokens] = text.ids
+        return tokens
+
     def _forward(self, tokens: torch.Tensor, *, trimmed: bool) -> torch.Tensor:
         return _forward_trimmed(self.model, tokens) if trimmed else self.model.encode_text(tokens)
 
@@ -438,10 +452,7 @@ class TextEncoder:
         reference = self.model if self.dtype == torch.float32 else copy.deepcopy(self.model).float()
         batch = self.tokenize(PROBE_TEXTS)
         length = max(t.n_tokens for t in batch)
-        tokens = torch.full((len(batch), self.context_length), self._pad_id, dtype=torch.long)
-        for row, text in enumerate(batch):
-            tokens[row, : text.n_tokens] = text.ids
-        tokens = tokens.to(self.device)
+        tokens = self._pad(batch, self.context_length).to(self.device)
         try:
             with torch.inference_mode():
                 full = F.normalize(reference.encode_text(tokens).float(), dim=-1)
@@ -483,13 +494,19 @@ def _get_tokenizer(model_name: str) -> Any:
         raise EncoderError(f"could not load the tokenizer of {model_name}: {exc}") from exc
 
 
-def load_encoder(settings: Settings) -> TextEncoder:
-    """Load the text encoder described by ``settings`` (model, pretrained, device, precision)."""
+def _resolve(settings: Settings) -> tuple[_Source, torch.device, str]:
+    """What to load, where and in which precision; offline unless downloads are allowed."""
     source = _resolve_source(settings)
     device = _resolve_device(settings.device)
     precision = _resolve_precision(settings.precision, device)
     if not settings.allow_downloads:
         _force_offline()  # the config/tokenizer may also try the hub
+    return source, device, precision
+
+
+def load_encoder(settings: Settings) -> TextEncoder:
+    """Load the text encoder described by ``settings`` (model, pretrained, device, precision)."""
+    source, device, precision = _resolve(settings)
     model = _create_text_model(source, precision, device)
     tokenizer = _get_tokenizer(source.model_name)
     fingerprint = EncoderFingerprint(source.arch, source.weights, precision)
@@ -535,11 +552,7 @@ def encode_image_files(
     """
     from PIL import Image, UnidentifiedImageError
 
-    source = _resolve_source(settings)
-    device = _resolve_device(settings.device)
-    precision = _resolve_precision(settings.precision, device)
-    if not settings.allow_downloads:
-        _force_offline()
+    source, device, precision = _resolve(settings)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model_name, pretrained=source.checkpoint, precision=precision, device=device

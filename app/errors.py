@@ -11,8 +11,7 @@
     ├── NotFoundError                 unknown profile or model          -> 404
     ├── OverloadError                 queue full                        -> 429 + Retry-After
     ├── NotReadyError                 model not loaded / worker down    -> 503
-    ├── ProfileError                  a profile file is invalid (load time)
-    │   └── ProfileMismatchError      profile built for another encoder -> 409 at request time
+    ├── ProfileError                  a profile file is invalid, or built for another encoder
     ├── EncoderError                  the model failed (load or forward) -> 500
     └── CacheError                    Redis failed; callers treat it as a miss
 
@@ -77,10 +76,6 @@ class NotReadyError(RealignError):
 
 class ProfileError(RealignError):
     code = "invalid_profile"
-
-
-class ProfileMismatchError(ProfileError):
-    code = "profile_model_mismatch"
 
 
 class EncoderError(RealignError):

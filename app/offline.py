@@ -21,8 +21,8 @@ import torch
 
 from app.embedding_io import EmbeddingSource
 from app.errors import AlignmentInputError, InputError
-from app.profiles import Profile, build_profile
-from app.realign import align
+from app.profiles import Profile, build_profile, build_profile_from_arrays
+from app.realign import align, bad_rows_error
 
 Progress = Callable[[int], None]
 
@@ -87,10 +87,6 @@ def apply_to_file(
     stats = profile.tensors(device) if profile is not None else None
 
     def transform(rows: np.ndarray, offset: int, out: np.ndarray | None = None) -> np.ndarray:
-        if stats is not None and rows.shape[1] != stats.dim:
-            raise InputError(
-                f"embeddings have dimension {rows.shape[1]}, the profile has {stats.dim}"
-            )
         with warnings.catch_warnings():
             # chunks may be read-only memory maps; align() never writes to its input
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -100,12 +96,8 @@ def apply_to_file(
         target = torch.from_numpy(out) if out is not None and device == "cpu" else None
         try:
             result = align(batch.to(device), stats, alignment, out=target)
-        except AlignmentInputError as exc:
-            shifted = [r + offset for r in exc.rows]  # name rows in whole-file coordinates
-            shown = ", ".join(map(str, shifted[:10])) + (" ..." if len(shifted) > 10 else "")
-            raise AlignmentInputError(
-                f"{len(shifted)} row(s) are zero or contain NaN/inf: rows {shown}", shifted
-            ) from exc
+        except AlignmentInputError as exc:  # name rows in whole-file coordinates
+            raise bad_rows_error([r + offset for r in exc.rows]) from exc
         if target is None:
             host = result.cpu().numpy()
             if out is not None:
@@ -210,13 +202,7 @@ def run_evaluation(
     prof = (
         Profile.load(profile)
         if profile is not None
-        else build_profile_from_sources(
-            EmbeddingSource(texts),
-            EmbeddingSource(images),
-            name="eval",
-            model="eval",
-            source="eval",
-        )
+        else build_profile_from_arrays(txt, img, name="eval", model="eval", source="eval")
     )
     stats = prof.tensors("cpu")
     batch = torch.from_numpy(txt)

@@ -72,14 +72,12 @@ def _bad_rows(sq_norms: torch.Tensor) -> list[int]:
     return torch.nonzero(bad).flatten().tolist() if bool(bad.any()) else []
 
 
-def check_rows(e: torch.Tensor) -> None:
-    """Raise :class:`AlignmentInputError` naming every zero or non-finite row."""
-    rows = _bad_rows(torch.linalg.vector_norm(e, dim=1, dtype=torch.float64))
-    if rows:
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
-        raise AlignmentInputError(
-            f"{len(rows)} embedding row(s) are zero or contain NaN/inf: rows {shown}", rows
-        )
+def bad_rows_error(rows: list[int]) -> AlignmentInputError:
+    """The error naming every zero or non-finite row (``rows`` as the caller counts them)."""
+    shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    return AlignmentInputError(
+        f"{len(rows)} embedding row(s) are zero or contain NaN/inf: rows {shown}", rows
+    )
 
 
 def align(
@@ -118,10 +116,7 @@ def align(
             return align(x.to(torch.float64), stats, alignment).to(torch.float32)
         bad = _bad_rows(exact)
     if bad:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        raise AlignmentInputError(
-            f"{len(bad)} embedding row(s) are zero or contain NaN/inf: rows {shown}", bad
-        )
+        raise bad_rows_error(bad)
     r = norms.reciprocal()  # e = r * x
 
     if alignment == "none":

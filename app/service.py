@@ -16,6 +16,7 @@ from app.cache import EmbeddingCache, create_cache
 from app.config import Settings
 from app.embedder import Embedder
 from app.encoder import TextEncoder, load_encoder
+from app.errors import ProfileError
 from app.metrics import Metrics
 from app.profiles import ProfileRegistry
 
@@ -36,16 +37,13 @@ class Service:
     served_name: str = field(default="")
     started_at: int = field(default_factory=lambda: int(time.time()))
 
-    @property
-    def healthy_for_traffic(self) -> bool:
-        return self.ready and self.accepting and self.batcher.alive
-
     async def close(self) -> None:
         """Graceful: refuse new work, finish what is queued, stop the worker, close the cache."""
         self.accepting = False
         self.ready = False
         self.metrics.ready.set(0)
         await self.batcher.close(drain=True, timeout_s=self.settings.graceful_timeout_s)
+        await self.embedder.drain()
         if self.cache is not None:
             await self.cache.close()
 
@@ -67,10 +65,9 @@ def load_profiles(settings: Settings, encoder: TextEncoder) -> ProfileRegistry:
             del registry.profiles[name]
     wanted = settings.default_profile
     if wanted is not None and wanted not in registry.profiles:
-        raise_msg = f"REALIGN_DEFAULT_PROFILE={wanted!r} is not among the served profiles {registry.names()}"
-        from app.errors import ProfileError
-
-        raise ProfileError(raise_msg)
+        raise ProfileError(
+            f"REALIGN_DEFAULT_PROFILE={wanted!r} is not among the served profiles {registry.names()}"
+        )
     registry.default = wanted or (registry.names()[0] if registry.profiles else None)
     if not registry.profiles:
         log.warning(

@@ -25,7 +25,6 @@ STATUS: list[tuple[type[e.RealignError], int, str]] = [
     (e.NotFoundError, 404, "not_found_error"),
     (e.OverloadError, 429, "rate_limit_error"),
     (e.NotReadyError, 503, "service_unavailable"),
-    (e.ProfileMismatchError, 409, "invalid_request_error"),
     (e.EncoderError, 500, "server_error"),
 ]
 

@@ -73,6 +73,9 @@ async def create_embeddings(
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()  # the handler itself was cancelled (e.g. shutdown): take the work along
+        raise
     finally:
         gone.cancel()
     if not work.done():
@@ -95,11 +98,16 @@ async def create_embeddings(
     )
 
 
+def _wire(vectors: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows as the little-endian element type the client asked for (base64 and .npy)."""
+    return vectors.astype("<f2" if dtype == "float16" else "<f4")
+
+
 def _json_body(result: EmbedResult, body: EmbeddingRequest, model: str) -> bytes:
     vectors = result.vectors.numpy()
     data: list[dict[str, Any]]
     if body.encoding_format == "base64":
-        arr = vectors.astype("<f2" if body.dtype == "float16" else "<f4")
+        arr = _wire(vectors, body.dtype)
         data = [
             {
                 "object": "embedding",
@@ -126,10 +134,6 @@ def _json_body(result: EmbedResult, body: EmbeddingRequest, model: str) -> bytes
 
 def _npy_response(result: EmbedResult, dtype: str, headers: dict[str, str]) -> Response:
     buf = io.BytesIO()
-    np.save(
-        buf,
-        result.vectors.numpy().astype("<f2" if dtype == "float16" else "<f4"),
-        allow_pickle=False,
-    )
+    np.save(buf, _wire(result.vectors.numpy(), dtype), allow_pickle=False)
     headers = {**headers, "x-truncated": ",".join(map(str, result.truncated))}
     return Response(buf.getvalue(), media_type=NPY, headers=headers)

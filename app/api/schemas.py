@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
+from app.realign import Alignment
+
 
 class EmbeddingRequest(BaseModel):
     """OpenAI-shaped; unknown fields (e.g. ``user``) are ignored so OpenAI SDKs work."""
@@ -14,7 +16,7 @@ class EmbeddingRequest(BaseModel):
 
     input: StrictStr | list[StrictStr] = Field(description="A text or a list of texts.")
     profile: StrictStr | None = Field(default=None, description="Profile name; default if absent.")
-    alignment: Literal["realign", "anchor", "none"] = "realign"
+    alignment: Alignment = "realign"
     encoding_format: Literal["float", "base64"] = "float"
     dtype: Literal["float32", "float16"] = Field(
         default="float32", description="Element type of base64 and .npy outputs."
