@@ -204,3 +204,17 @@ async def test_real_tiny_encoder_through_the_batcher(tmp_path) -> None:  # type:
     torch.testing.assert_close(outs, enc.encode_texts(texts), atol=1e-5, rtol=0)
     assert b.batches_run < len(texts)
     await b.close()
+
+
+async def test_max_wait_collects_a_fuller_batch() -> None:
+    enc = StandIn()
+    b, _ = await _batcher(enc, max_batch_size=8, max_wait_ms=1000)
+    jobs = []
+    for i in range(5):  # trickle in, well within the wait
+        jobs.append(b.submit([tok(i)]))
+        await asyncio.sleep(0.02)
+    await asyncio.gather(*(j.future for j in jobs))
+    assert enc.batches == [[0, 1, 2, 3, 4]]
+    full = [b.submit([tok(10 + i)]) for i in range(8)]  # a full batch does not wait
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in full)), 0.8)
+    await b.close()
