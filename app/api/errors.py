@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import errors as e
+from app.api.middleware import error_body
 from app.api.responses import JSONBytes
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def error_response(
     status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONBytes:
     return JSONBytes(
-        {"error": {"message": message, "type": type_, "code": code}},
+        error_body(message, type_, code),
         status_code=status,
         headers=headers,
     )

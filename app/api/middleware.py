@@ -64,6 +64,11 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:
+    """The JSON error shape of DESIGN.md §3 (routes and middleware both answer with it)."""
+    return {"error": {"message": message, "type": type_, "code": code}}
+
+
 async def send_error(
     send: Send,
     status: int,
@@ -74,7 +79,7 @@ async def send_error(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """An error in the JSON shape of DESIGN.md §3, from middleware (before any route runs)."""
-    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    body = orjson.dumps(error_body(message, type_, code))
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
