@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import DEFAULT_MODELS_DIR
 from bench.encoder_bench import captions
-from bench.serve_bench import vit_b32_dir
+from bench.serve_bench import random_local_dir
 from tests.servers import ServerProcess
 from tests.tiny_models import write_profile_for
 
@@ -79,7 +79,7 @@ def main() -> None:
         if args.model == "demo":
             model_dir, profiles = DEFAULT_MODELS_DIR / "demo", DEFAULT_MODELS_DIR / "profiles"
         else:
-            model_dir = vit_b32_dir(Path(tmp))
+            model_dir = random_local_dir(Path(tmp))
             profiles = write_profile_for(model_dir, Path(tmp) / "profiles", name="bench").parent
         env = {"REALIGN_MODEL": f"local-dir:{model_dir}", "REALIGN_PROFILES_DIR": str(profiles),
                "REALIGN_REDIS_URL": REDIS_URL, "REALIGN_CACHE_PREFIX": prefix, "REALIGN_CACHE_DTYPE": "float16",

@@ -37,17 +37,17 @@ from tests.servers import ServerProcess
 from tests.tiny_models import write_profile_for
 
 
-def vit_b32_dir(root: Path) -> Path:
-    """Random-init ViT-B-32 in open_clip's local-dir format (only the text tower gets used)."""
+def random_local_dir(root: Path, arch: str = "ViT-B-32") -> Path:
+    """A random-init open_clip architecture in local-dir format (same compute as pretrained)."""
     import open_clip
     from safetensors.torch import save_file
 
-    d = root / "ViT-B-32-random"
-    d.mkdir()
-    cfg = open_clip.get_model_config("ViT-B-32")
+    d = root / f"{arch}-random"
+    d.mkdir(parents=True)
+    cfg = open_clip.get_model_config(arch)
     (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    model = open_clip.create_model(arch, pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
     return d
 
@@ -117,7 +117,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         for name in args.models:
-            model_dir = DEFAULT_MODELS_DIR / "demo" if name == "demo" else vit_b32_dir(Path(tmp))
+            model_dir = DEFAULT_MODELS_DIR / "demo" if name == "demo" else random_local_dir(Path(tmp))
             results.append(bench_model(name, model_dir, args.seconds))
             report(results[-1])
     if args.json:
