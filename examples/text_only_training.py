@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import demo_world as world
 
-from app.client import Alignment, CaptionDataset, PseudoImageCollate, RealignClient
+from app.client import Alignment, RealignClient
+from app.loader import CaptionDataset, PseudoImageCollate
 
 REPO = Path(__file__).resolve().parent.parent
 ALIGNMENTS: tuple[Alignment, ...] = ("none", "anchor", "realign")

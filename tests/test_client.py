@@ -21,8 +21,6 @@ from pydantic import SecretStr
 
 from app.client import (
     AsyncRealignClient,
-    CaptionDataset,
-    PseudoImageCollate,
     RealignClient,
     RealignConnectionError,
     RealignHTTPError,
@@ -31,6 +29,7 @@ from app.client import (
     parse_retry_after,
 )
 from app.config import Settings
+from app.loader import CaptionDataset, PseudoImageCollate
 from tests.servers import LiveServer, free_port
 from tests.tiny_models import write_local_dir, write_profile_for
 
