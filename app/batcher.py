@@ -95,10 +95,6 @@ class _Entry:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class WorkerDied(RuntimeError):
-    """Internal: raised into jobs held by a worker thread that exited unexpectedly."""
-
-
 class Batcher:
     """Queue + one encoder worker thread. Create inside a running event loop; call ``start``."""
 
@@ -131,10 +127,6 @@ class Batcher:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def queued(self) -> int:
-        return self._queued
 
     async def close(self, *, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop accepting; with ``drain`` finish everything queued first; then stop the thread."""

@@ -46,10 +46,6 @@ class EmbeddingSource:
             self._array = _open_npy(self.path)
 
     @property
-    def has_ids(self) -> bool:
-        return self._array is None
-
-    @property
     def rows(self) -> int | None:
         """Total row count when known without reading (``.npy``), else ``None``."""
         return None if self._array is None else int(self._array.shape[0])
